@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform as _platform
 
 LABEL = "org.crashlab"            # present on everything crashlab creates
@@ -31,8 +32,15 @@ def _short(exc: Exception) -> str:
     return text[:200]
 
 
+OWNER_LABEL = "org.crashlab.owner"  # host:pid of the harness that created it
+
+
+def owner() -> str:
+    return f"{_platform.node()}:{os.getpid()}"
+
+
 def labels(run_id: str, **extra: str) -> dict[str, str]:
-    out = {LABEL: "1", RUN_LABEL: run_id}
+    out = {LABEL: "1", RUN_LABEL: run_id, OWNER_LABEL: owner()}
     out.update({f"{LABEL}.{k}": v for k, v in extra.items()})
     return out
 
@@ -63,6 +71,43 @@ def sweep(client, run_id: str | None = None) -> dict[str, int]:
             removed["networks"] += 1
         except NotFound:
             pass
+    return removed
+
+
+def _alive(owner_label: str | None) -> bool:
+    """Whether the harness process that owns a resource still runs (unknown owners: yes)."""
+    if not owner_label or ":" not in owner_label:
+        return True
+    host, _, pid = owner_label.rpartition(":")
+    if host != _platform.node():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return True
+
+
+def sweep_stale(client) -> dict[str, int]:
+    """Remove what runs on this machine left behind when their harness died (e.g. SIGKILL)."""
+    from docker.errors import APIError, NotFound
+    removed = {"containers": 0, "volumes": 0}
+    for c in client.containers.list(all=True, filters={"label": LABEL}):
+        if not _alive(c.labels.get(OWNER_LABEL)):
+            try:
+                c.remove(force=True, v=True)
+                removed["containers"] += 1
+            except (NotFound, APIError):
+                pass
+    for v in client.volumes.list(filters={"label": LABEL}):
+        if not _alive((v.attrs.get("Labels") or {}).get(OWNER_LABEL)):
+            try:
+                v.remove(force=True)
+                removed["volumes"] += 1
+            except (NotFound, APIError):
+                pass
     return removed
 
 

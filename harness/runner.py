@@ -11,6 +11,7 @@ import json
 import queue
 import random
 import shutil
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -180,6 +181,13 @@ def run_trial(target, scenario: Scenario, cell: Cell, n: int, store: RunStore,
         except CrashlabError as exc:
             error = error or f"cleanup failed: {exc}"
     judgement = oracle.judge(events, census, promise, harness_error=error)
+    view_verdicts = {}
+    for name, view in (views or {}).items():
+        vj = oracle.judge(events, view, promise)
+        view_verdicts[name] = {"verdict": vj.verdict, "violation": vj.violation,
+                               "lost_acked": vj.lost_acked, "integrity": vj.integrity,
+                               "reasons": vj.reasons, "sqlite_version": view.get("sqlite_version"),
+                               "machine": view.get("machine")}
     ready = next((e for e in events if e.get("ev") == "ready"), {})
     record = {
         "trial_id": trial_id,
@@ -215,7 +223,7 @@ def run_trial(target, scenario: Scenario, cell: Cell, n: int, store: RunStore,
         "machine": ready.get("machine") or (census or {}).get("machine"),
         "verifier_machine": (census or {}).get("machine"),
         "files": (census or {}).get("files_before"),
-        "views": views,
+        "views": view_verdicts,
         "error": error,
         "duration_s": round(time.monotonic() - t0, 3),
     }
@@ -242,6 +250,12 @@ def run(scenarios: list[Scenario], store: RunStore, opts: Options) -> list[dict]
                      log=opts.log, labels={"org.crashlab.run": store.run_id})
     records: list[dict] = []
     fingerprints: dict = {}
+    if any(c.platform == "container" for sc in scenarios for c in sc.cells):
+        from . import engine
+        swept = engine.sweep_stale(ctx.docker())
+        if any(swept.values()):
+            opts.log("swept leftovers of dead runs: " +
+                     ", ".join(f"{n} {k}" for k, n in swept.items()))
     try:
         for sc in scenarios:
             trials = opts.trials if opts.trials is not None else sc.trials
@@ -250,8 +264,7 @@ def run(scenarios: list[Scenario], store: RunStore, opts: Options) -> list[dict]
                 with cls(cell, ctx) as target:
                     fp = target.fingerprint()
                     if fp:
-                        fingerprints.setdefault(cell.platform + ":" + str(cell.get(
-                            "platform.arch")), fp)
+                        fingerprints[f"{sc.name}::{cell.label}"] = fp
                     for n in range(trials):
                         opts.progress("start", {"scenario": sc.name, "cell": cell.label,
                                                 "trial": n})
@@ -259,15 +272,30 @@ def run(scenarios: list[Scenario], store: RunStore, opts: Options) -> list[dict]
                         records.append(rec)
                         opts.progress("done", rec)
     finally:
-        store.write_json("targets.json", fingerprints)
-        ctx_client = ctx._docker
-        if ctx_client is not None:
-            try:
-                ctx_client.close()
-            except Exception:
-                pass
-        shutil.rmtree(store.work_dir, ignore_errors=True)
+        with _shielded():
+            store.write_json("targets.json", fingerprints)
+            if ctx._docker is not None:
+                from . import engine
+                try:
+                    engine.sweep(ctx._docker, store.run_id)
+                finally:
+                    ctx._docker.close()
+            shutil.rmtree(store.work_dir, ignore_errors=True)
     return records
+
+
+class _shielded:
+    """Cleanup that a second Ctrl-C cannot cut short (main thread only)."""
+
+    def __enter__(self):
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
 
 
 def iter_cells(scenarios: list[Scenario]) -> Iterator[tuple[Scenario, Cell]]:

@@ -66,7 +66,10 @@ mirror() {
       { u = ""; ok = 0
         for (i = 1; i <= NF; i++) {
           if ($i ~ /^URIs:/)   { split($i, a, /[ \t]+/); u = a[2] }
-          if ($i ~ /^Suites:/) { n = split($i, b, /[ \t]+/); for (j = 2; j <= n; j++) if (b[j] == s) ok = 1 }
+          if ($i ~ /^Suites:/) {
+            n = split($i, b, /[ \t]+/)
+            for (j = 2; j <= n; j++) if (b[j] == s) ok = 1
+          }
         }
         if (ok && u != "") { print u; exit } }' "$src")
   fi
@@ -94,7 +97,8 @@ else
   if ! debootstrap --variant=minbase --arch="$ARCH" --include=python3,sqlite3 \
         "$SUITE" "$WORK/rootfs" "$MIRROR" >"$WORK/debootstrap.log" 2>&1; then
     tail -n 20 "$WORK/debootstrap.log" >&2
-    [ -r "$WORK/rootfs/debootstrap/debootstrap.log" ] && tail -n 20 "$WORK/rootfs/debootstrap/debootstrap.log" >&2
+    inner=$WORK/rootfs/debootstrap/debootstrap.log
+    [ -r "$inner" ] && tail -n 20 "$inner" >&2
     die "debootstrap failed"
   fi
   say "debootstrap done in $(elapsed $t)"
@@ -125,4 +129,5 @@ if ! DOCKER_BUILDKIT=0 docker build --platform "linux/$ARCH" \
 fi
 got=$(docker image inspect -f '{{.Os}}/{{.Architecture}}' "$TAG")
 [ "$got" = "linux/$ARCH" ] || die "built $TAG but its metadata says $got, not linux/$ARCH"
-say "built $TAG ($got, $(docker image inspect -f '{{.Size}}' "$TAG" | awk '{ printf "%.0f MB", $1 / 1e6 }')) in $(elapsed $t); total $(elapsed)"
+size=$(docker image inspect -f '{{.Size}}' "$TAG" | awk '{ printf "%.0f MB", $1 / 1e6 }')
+say "built $TAG ($got, $size) in $(elapsed $t); total $(elapsed)"

@@ -10,8 +10,10 @@
 set -euo pipefail
 
 DOCKERD_LOG=/var/log/crashlab-dockerd.log
+APT_LOG=/var/log/crashlab-apt.log
 DOCKERD_TIMEOUT=${DOCKERD_TIMEOUT:-60}
 BINFMT_DIR=/proc/sys/fs/binfmt_misc
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"   # dockerd, mke2fs, debootstrap for non-root
 
 CHECK=0
 case "${1:-}" in
@@ -62,14 +64,17 @@ elif [ $CHECK = 1 ] || [ $is_root = 0 ] || [ $is_debian = 0 ]; then
 else
   say "packages: installing ${need[*]} (apt-get update first)"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  if ! { apt-get update && apt-get install -y --no-install-recommends "${need[@]}"; } \
+        >"$APT_LOG" 2>&1; then
+    echo "packages: apt-get failed; last lines of $APT_LOG:" >&2
+    tail -n 15 "$APT_LOG" >&2; exit 1
+  fi
   still=()
   for p in "${need[@]}"; do pkg_present "$p" || still+=("$p"); done
   if [ ${#still[@]} -gt 0 ]; then
     echo "packages: installed but still not usable: ${still[*]}" >&2; exit 1
   fi
-  say "packages: installed ${need[*]}"
+  say "packages: installed ${need[*]} (log: $APT_LOG)"
 fi
 
 # --- cgroups (dockerd needs them; a machine without systemd may not mount any) ----------------
@@ -111,8 +116,9 @@ else
     sleep 0.5
   done
   if [ -z "$v" ]; then
-    echo "docker engine: dockerd (pid $pid) did not answer within ${DOCKERD_TIMEOUT}s;" \
-         "last lines of $DOCKERD_LOG:" >&2
+    kill "$pid" 2>/dev/null || true   # a half-started engine would only confuse the next run
+    echo "docker engine: dockerd (pid $pid) did not answer within ${DOCKERD_TIMEOUT}s," \
+         "stopped it; last lines of $DOCKERD_LOG:" >&2
     tail -n 15 "$DOCKERD_LOG" >&2; exit 1
   fi
   say "docker engine: started dockerd $v (pid $pid, log: $DOCKERD_LOG)"

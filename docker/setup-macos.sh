@@ -14,7 +14,7 @@ arch=$(uname -m)   # arm64 on Apple silicon, x86_64 on Intel Macs
 say "host: macOS $(sw_vers -productVersion 2>/dev/null) on $arch"
 
 if ! command -v docker >/dev/null; then
-  lack "docker CLI" "install Docker Desktop: https://docs.docker.com/desktop/setup/install/mac-install/"
+  lack "docker CLI" "install Docker Desktop: https://docs.docker.com/desktop/"
 elif ! v=$(docker version --format '{{.Server.Version}}' 2>/dev/null) || [ -z "$v" ]; then
   lack "docker engine" "start Docker Desktop (open -a Docker) and wait until it says running"
 else

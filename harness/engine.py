@@ -65,6 +65,13 @@ def sweep(client, run_id: str | None = None) -> dict[str, int]:
             removed["volumes"] += 1
         except NotFound:
             pass
+    for img in client.images.list(filters={"label": f"{RUN_LABEL}={run_id}" if run_id
+                                           else RUN_LABEL}):
+        try:  # committed trial layers; the reusable target images carry no run label
+            client.images.remove(img.id, force=True)
+            removed["images"] = removed.get("images", 0) + 1
+        except (NotFound, APIError):
+            pass
     for n in client.networks.list(filters={"label": selector}):
         try:
             n.remove()

@@ -144,4 +144,38 @@ def fingerprint(client) -> dict:
         "host_arch": _platform.machine(),
         "cgroup": f"v{info.get('CgroupVersion', '?')} {info.get('CgroupDriver', '')}".strip(),
         "runtimes": sorted((info.get("Runtimes") or {}).keys()),
+        **desktop_settings(),
     }
+
+
+_DESKTOP_KEYS = {
+    "usevirtualizationframeworkvirtiofs": "desktop_virtiofs",
+    "usegrpcfuse": "desktop_grpcfuse",
+    "usevirtualizationframeworkrosetta": "desktop_rosetta",
+    "usevirtualizationframework": "desktop_virtualization_framework",
+    "filesharingdirectories": "desktop_file_sharing_dirs",
+}
+
+
+def desktop_settings() -> dict:
+    """Docker Desktop's file-sharing and emulation settings, where this machine has them."""
+    import json
+    from pathlib import Path
+    base = Path.home() / "Library" / "Group Containers" / "group.com.docker"
+    for name in ("settings-store.json", "settings.json"):
+        try:
+            data = json.loads((base / name).read_text())
+        except (OSError, ValueError):
+            continue
+        out = {"desktop_settings": str(base / name)}
+        for key, value in data.items():
+            if key.lower() in _DESKTOP_KEYS:
+                out[_DESKTOP_KEYS[key.lower()]] = value
+        if out.get("desktop_virtiofs"):
+            out["desktop_file_sharing"] = "virtiofs"
+        elif out.get("desktop_grpcfuse"):
+            out["desktop_file_sharing"] = "gRPC FUSE"
+        elif len(out) > 1:
+            out["desktop_file_sharing"] = "osxfs (legacy)"
+        return out
+    return {}

@@ -78,6 +78,13 @@ class RunContext:
     log: Callable[[str], None] = lambda s: None
     labels: dict[str, str] = field(default_factory=dict)
     _docker: object | None = None
+    _said: set = field(default_factory=set)
+
+    def log_once(self, message: str) -> None:
+        """Log a message the first time it is said in this run (e.g. which image is reused)."""
+        if message not in self._said:
+            self._said.add(message)
+            self.log(message)
 
     def docker(self):
         """The run's Docker client, connected on first use."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 import platform as _platform
 import shutil
 import tarfile
@@ -81,6 +82,8 @@ class ContainerTarget(Target):
         self.exec_id: str | None = None
         self._fingerprint: dict = {}
         self._labels = engine.labels(run.run_id, cell=str(cell.index))
+        # Removing a trial's container and files is off the critical path of the next trial.
+        self._janitor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crashlab-clean")
 
     # ------------------------------------------------------------------ cell lifecycle
 
@@ -93,7 +96,7 @@ class ContainerTarget(Target):
                 f"platform.arch {self.cell['platform.arch']} needs {self.arch} emulation, and no "
                 f"binfmt_misc handler for it is registered; run `make setup`")
         self.image = ensure_image(self.client, self.arch, self.cell["platform.image"] or
-                                  "debian:bookworm-slim", log=self.run.log)
+                                  "debian:bookworm-slim", log=self.run.log_once)
         if self.storage == "volume":
             self.volume = self.client.volumes.create(
                 name=f"crashlab-{self.run.run_id}-c{self.cell.index:03d}",
@@ -116,6 +119,7 @@ class ContainerTarget(Target):
             self._fingerprint["data_mount"] = self._mount_of(probe)
 
     def close(self) -> None:
+        self._janitor.shutdown(wait=True)
         for c in (self.writer, self.keeper, self.checker):
             self._remove(c)
         self.writer = self.keeper = self.checker = None
@@ -344,19 +348,20 @@ class ContainerTarget(Target):
         return ""
 
     def finish_trial(self) -> None:
-        if self.writer is not None:
-            self._remove(self.writer)
-            self.writer = None
         if self.keeper is not None and self.writer_pid is not None:
             try:  # the writer may still run if the trial failed before the fault
                 self.keeper.exec_run(["sh", "-c", f"kill -9 {self.writer_pid} 2>/dev/null"])
             except Exception:
                 pass
+        writer, self.writer = self.writer, None
         reader = self.keeper or self.checker
-        if reader is not None and self.trial_dir:
+        trial_dir = self.trial_dir
+        self._janitor.submit(self._clean, writer, reader, trial_dir)
+
+    def _clean(self, writer, reader, trial_dir: str) -> None:
+        self._remove(writer)
+        if reader is not None and trial_dir:
             try:
-                reader.exec_run(["rm", "-rf", self.trial_dir])
+                reader.exec_run(["rm", "-rf", trial_dir])
             except Exception:
                 pass
-        elif self.bind_dir is not None:
-            shutil.rmtree(self.bind_dir / self._trial_id, ignore_errors=True)

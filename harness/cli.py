@@ -119,9 +119,13 @@ def run(files, out, trials, seed, keep, only, jsonl, quiet):
     store = RunStore(Path(out), new_run_id(name))
     env = environment(scenarios)
     store.write_json("environment.json", env)
-    store.write_json("scenarios.json", [{"path": sc.path, "name": sc.name, "seed": sc.seed,
-                                         "trials": trials or sc.trials, "cells": len(sc.cells),
-                                         "notes": sc.notes} for sc in scenarios])
+    copies = []
+    for i, sc in enumerate(scenarios):  # a run replays from its own copy of each file
+        copies.append(store.write_text(f"scenario-{i}.yaml", Path(sc.path).read_text()).name)
+    store.write_json("scenarios.json", [{"path": sc.path, "copy": copy, "name": sc.name,
+                                         "seed": sc.seed, "trials": trials or sc.trials,
+                                         "cells": len(sc.cells), "notes": sc.notes}
+                                        for sc, copy in zip(scenarios, copies)])
     show = not quiet and err_console.is_terminal
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=err_console, disable=not show,
@@ -305,6 +309,60 @@ def guarantees(fault_class, as_json):
                   *("yes" if r[k] else "no" for k in ("durable", "atomic", "intact")),
                   r["source"].replace("https://www.sqlite.org/", ""))
     out_console.print(t)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("trial_id")
+@click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False))
+@click.option("--keep", type=click.Choice(["failures", "all", "none"]), default="all",
+              show_default=True)
+def replay(run_dir, trial_id, out, keep):
+    """Run one trial of an earlier run again: same scenario copy, cell, seed and fault point."""
+    from . import runner
+    from .results import RunStore, new_run_id, read_trials
+    from .scenario import load
+    from .targets import RunContext, target_class
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "trials.jsonl").exists():
+        raise UsageError(f"{run_dir}: no trials.jsonl here (not a run folder)")
+    rec = next((r for r in read_trials(run_dir) if r["trial_id"] == trial_id), None)
+    if rec is None:
+        raise UsageError(f"{run_dir}: no trial {trial_id!r} in trials.jsonl")
+    meta = json.loads((run_dir / "scenarios.json").read_text())
+    entry = next((m for m in meta if m["name"] == rec["scenario"]), None)
+    if entry is None:
+        raise UsageError(f"{run_dir}: scenario {rec['scenario']!r} is not in scenarios.json")
+    sc = load(run_dir / entry["copy"], seed=rec["scenario_seed"])
+    cell = next((c for c in sc.cells if c.index == rec["cell_index"]), None)
+    if cell is None or cell.label != rec["cell_label"]:
+        raise UsageError(f"{run_dir}: cell {rec['cell_label']!r} not found in the scenario copy")
+    n = int(trial_id.rsplit("-t", 1)[1])
+    if sc.trial_seed(cell, n) != rec["seed"]:
+        raise UsageError(f"{trial_id}: the seed does not match the scenario copy")
+    store = RunStore(Path(out), new_run_id(f"replay-{sc.name}"))
+    store.write_text("scenario-0.yaml", (run_dir / entry["copy"]).read_text())
+    store.write_json("scenarios.json", [dict(entry, copy="scenario-0.yaml")])
+    ctx = RunContext(run_id=store.run_id, run_dir=store.dir, work_dir=store.work_dir,
+                     log=lambda s: err_console.print(s, markup=False))
+    try:
+        with target_class(cell.platform)(cell, ctx) as target:
+            new = runner.run_trial(target, sc, cell, n, store, keep)
+    finally:
+        store.close()
+        if ctx._docker is not None:
+            from . import engine
+            engine.sweep(ctx._docker, store.run_id)
+            ctx._docker.close()
+        import shutil
+        shutil.rmtree(store.work_dir, ignore_errors=True)
+    click.echo(f"{trial_id} {cell.label}: was {rec['verdict']} (acked {rec['acked']}, "
+               f"lost {rec['lost_acked']}); now {new['verdict']} (acked {new['acked']}, "
+               f"lost {new['lost_acked']}); fault {new['trigger']}")
+    click.echo(f"results: {store.dir}")
+    sys.exit(EXIT_VIOLATION if new["violation"] else
+             EXIT_HARNESS_ERROR if new["verdict"] == "error" else EXIT_OK)
 
 
 @main.command()

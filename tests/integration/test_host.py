@@ -141,3 +141,21 @@ def test_sigterm_is_handled_like_sigint(write_scenario, tmp_path, sig):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert json.loads((run_dir(out) / "summary.json").read_text())["interrupted"] is True
+
+
+def test_replay_repeats_a_trial_at_the_same_fault_point(write_scenario, tmp_path):
+    sc = write_scenario("name: replayable\ntrials: 2\nseed: 4\n"
+                        "sqlite: {journal_mode: [WAL, DELETE]}\n")
+    out = tmp_path / "out"
+    assert crashlab("run", str(sc), "--out", str(out), "-q").returncode == 0
+    sc.write_text("name: changed-after-the-run\n")  # the run replays from its own copy
+    d = run_dir(out)
+    old = next(r for r in records(d) if r["trial_id"] == "c001-t001")
+    r = crashlab("replay", str(d), "c001-t001", "--out", str(tmp_path / "again"))
+    assert r.returncode == 0, r.stderr
+    (new,) = records(run_dir(tmp_path / "again"))
+    assert (new["seed"], new["trigger"], new["cell_label"]) == (
+        old["seed"], old["trigger"], old["cell_label"])
+    assert new["verdict"] == "intact"
+    bad = crashlab("replay", str(d), "c009-t000")
+    assert bad.returncode == 2 and "no trial 'c009-t000'" in bad.stderr

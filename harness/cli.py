@@ -105,7 +105,7 @@ def run(files, out, trials, seed, keep, only, jsonl, quiet):
     """Run every cell of the scenario FILES and report the matrix."""
     from . import runner
     from .report import markdown, print_table, summarize
-    from .results import RunStore, new_run_id
+    from .results import RunStore, new_run_id, read_trials
 
     scenarios = _load_all(files, trials=trials, seed=seed)
     if only:
@@ -116,8 +116,8 @@ def run(files, out, trials, seed, keep, only, jsonl, quiet):
             raise UsageError(f"no cell matches --only {' '.join(only)}")
     total = sum(len(sc.cells) * (trials or sc.trials) for sc in scenarios)
     name = scenarios[0].name if len(scenarios) == 1 else "matrix"
+    env = environment(scenarios)  # fails (exit 3) before any result folder exists
     store = RunStore(Path(out), new_run_id(name))
-    env = environment(scenarios)
     store.write_json("environment.json", env)
     copies = []
     for i, sc in enumerate(scenarios):  # a run replays from its own copy of each file
@@ -161,9 +161,15 @@ def run(files, out, trials, seed, keep, only, jsonl, quiet):
             records = runner.run(scenarios, store, opts)
     except KeyboardInterrupt:
         interrupted = True
-        from .results import read_trials
         store.close()
         records = read_trials(store.dir)
+    except CrashlabError as exc:
+        store.close()
+        summary = summarize(read_trials(store.dir))
+        summary.update({"run_id": store.run_id, "aborted": str(exc)})
+        store.write_json("summary.json", summary)
+        click.echo(f"results so far: {store.dir}", err=True)
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
         store.close()

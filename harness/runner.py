@@ -173,8 +173,8 @@ def run_trial(target, scenario: Scenario, cell: Cell, n: int, store: RunStore,
         error = str(exc)
     except CrashlabError:
         raise
-    except OSError as exc:
-        error = f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # an engine or QEMU hiccup: this trial is an error, the run goes on
+        error = f"{type(exc).__name__}: {str(exc)[:500]}"
     finally:
         try:
             target.finish_trial()

@@ -108,3 +108,14 @@ def test_module_entry_point_help():
     r = subprocess.run([sys.executable, "-m", "harness", "--help"], capture_output=True,
                        text=True)
     assert r.returncode == 0 and "validate" in r.stdout and "Exit codes" in r.stdout
+
+
+def test_run_without_an_engine_says_so_and_writes_nothing(write_scenario, tmp_path,
+                                                          monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-such.sock")
+    p = write_scenario("name: c\nplatform: {kind: container}\n")
+    out = tmp_path / "out"
+    r = invoke("run", str(p), "--out", str(out))
+    assert r.exit_code == 3
+    assert r.output.startswith("Error: no Docker engine answers (")
+    assert not out.exists()

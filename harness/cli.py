@@ -211,6 +211,10 @@ def environment(scenarios) -> dict:
            "host_arch": platform.machine(), "python": platform.python_version(),
            "sqlite_version": sqlite3.sqlite_version, "crashlab": __version__,
            "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    from .targets import target_class
+    for sc in scenarios:
+        for cell in sc.cells:
+            target_class(cell.platform).preflight(cell)
     kinds = {c.platform for sc in scenarios for c in sc.cells}
     if "container" in kinds:
         from . import engine

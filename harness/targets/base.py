@@ -110,6 +110,11 @@ class Target(abc.ABC):
         self.cell = cell
         self.run = run
 
+    @classmethod
+    def preflight(cls, cell: Cell) -> None:
+        """Raise EnvironmentProblem if this machine cannot run the cell (before any result
+        folder is made); cheap checks only."""
+
     def __enter__(self) -> "Target":
         try:
             self.open()

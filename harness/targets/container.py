@@ -87,14 +87,19 @@ class ContainerTarget(Target):
 
     # ------------------------------------------------------------------ cell lifecycle
 
+    @classmethod
+    def preflight(cls, cell) -> None:
+        arch = resolve_arch(cell["platform.arch"])
+        if arch != native_arch() and _platform.system() == "Linux" \
+                and binfmt_handler(arch) is None:
+            raise EnvironmentProblem(
+                f"platform.arch {cell['platform.arch']} needs {arch} emulation, and no "
+                f"binfmt_misc handler for it is registered; run `make setup`")
+
     def open(self) -> None:
         from ..images import ensure_image
+        self.preflight(self.cell)
         self.client = self.run.docker()
-        if self.arch != native_arch() and _platform.system() == "Linux" \
-                and binfmt_handler(self.arch) is None:
-            raise EnvironmentProblem(
-                f"platform.arch {self.cell['platform.arch']} needs {self.arch} emulation, and no "
-                f"binfmt_misc handler for it is registered; run `make setup`")
         self.image = ensure_image(self.client, self.arch, self.cell["platform.image"] or
                                   "debian:bookworm-slim", log=self.run.log_once)
         if self.storage == "volume":

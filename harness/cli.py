@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
-from .errors import (EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EXIT_HARNESS_ERROR, EXIT_OK,
+from .errors import (EXIT_BAD_INPUT, EXIT_HARNESS_ERROR, EXIT_OK,
                      EXIT_VIOLATION, CrashlabError, ScenarioError, UsageError)
 from .guarantees import FAULT_CLASSES, JOURNAL_MODES, SYNCHRONOUS
 

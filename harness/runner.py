@@ -14,8 +14,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 from . import oracle
@@ -98,12 +97,6 @@ class Options:
     trials: int | None = None
     progress: Callable[[str, dict | None], None] = lambda what, record: None
     log: Callable[[str], None] = lambda s: None
-
-
-@dataclass
-class TrialOutcome:
-    record: dict
-    events: list[dict] = field(default_factory=list)
 
 
 def _trial_id(cell: Cell, n: int) -> str:

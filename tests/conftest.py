@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -28,3 +31,19 @@ def write_scenario(tmp_path):
         p.write_text(textwrap.dedent(text).lstrip("\n"))
         return p
     return _write
+
+
+def crashlab(*args, **kw) -> subprocess.CompletedProcess:
+    """Run the real command line in a child process."""
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True,
+                          text=True, **kw)
+
+
+def only_run(out: Path) -> Path:
+    """The single run folder under an --out directory."""
+    (d,) = [p for p in out.iterdir() if p.is_dir()]
+    return d
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "trials.jsonl").read_text().splitlines()]

@@ -14,7 +14,7 @@ import pytest
 
 from harness import engine
 from harness.doctor import binfmt_handler, native_arch, other_arch
-from tests.conftest import need
+from tests.conftest import crashlab, need, only_run, records
 
 pytestmark = [pytest.mark.docker]
 
@@ -35,20 +35,6 @@ def client():
 def emulation():
     need(binfmt_handler(other_arch()) is not None,
          f"no binfmt_misc handler for {other_arch()} (make setup registers it)")
-
-
-def crashlab(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True,
-                          text=True, **kw)
-
-
-def only_run(out: Path) -> Path:
-    (d,) = [p for p in out.iterdir() if p.is_dir()]
-    return d
-
-
-def records(d: Path) -> list[dict]:
-    return [json.loads(x) for x in (d / "trials.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow

@@ -8,27 +8,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+
+from tests.conftest import crashlab, records
+from tests.conftest import only_run as run_dir
 
 REQUIRED = {"trial_id", "cell", "seed", "verdict", "expected", "acked", "in_flight",
             "lost_acked", "integrity", "sqlite_version", "machine", "duration_s"}
 CELL_KEYS = {"journal_mode", "synchronous", "platform", "arch", "storage", "fault", "workload"}
-
-
-def crashlab(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True,
-                          text=True, **kw)
-
-
-def run_dir(out: Path) -> Path:
-    (d,) = [p for p in out.iterdir() if p.is_dir()]
-    return d
-
-
-def records(d: Path) -> list[dict]:
-    return [json.loads(x) for x in (d / "trials.jsonl").read_text().splitlines()]
 
 
 def test_process_crash_loses_nothing_in_any_mode(write_scenario, tmp_path):

@@ -3,8 +3,9 @@
 The guest runs what the containers run: the VM image ``crashlab/vm:ARCH-<key>`` is built FROM the
 target image of :mod:`harness.images` (python3, sqlite3, workload.py) with ``docker/vm/Dockerfile``
 (kernel, the few modules the guest loads, a busybox initramfs, the guest init). Its filesystem is
-exported through the Docker SDK; ``/boot/vmlinuz-*`` and ``/boot/initrd.img-*`` are taken out and
-the rest becomes ``root.img`` (``mke2fs -t ext4 -d``, no journal: it is only ever read).
+exported through the Docker SDK; the kernel (``/boot/vmlinux-*``, the PVH-bootable ELF, where the
+image has one, else ``/boot/vmlinuz-*``) and ``/boot/initrd.img-*`` are taken out, and the rest
+becomes ``root.img`` (``mke2fs -t ext4 -d``, no journal: it is only ever read).
 
 Everything is cached under ``$CRASHLAB_CACHE/vm/`` (else ``~/.cache/crashlab/vm/``) in a folder
 named by a content hash of the target image id, ``docker/vm/*`` and the arch, and reused while
@@ -122,8 +123,9 @@ def ensure_assets(client, arch: str, base: str = "debian:bookworm-slim",
             if _image_arch(client, vm_tag) == arch:
                 log(f"vm assets {arch}: VM image {vm_tag} present")
             else:
+                slow = "; minutes under qemu-user" if arch != images.native_arch() else ""
                 log(f"vm assets {arch}: building {vm_tag} FROM {target.tag} (kernel, modules, "
-                    f"initramfs, guest init{'; minutes under qemu-user' if arch != images.native_arch() else ''})")
+                    f"initramfs, guest init{slow})")
                 _build(client, arch, vm_tag, target.tag, key)
                 log(f"vm assets {arch}: built {vm_tag} in {time.monotonic() - t0:.0f} s")
             assets = _export(client, arch, vm_tag, folder, key, target.tag, log)
@@ -132,7 +134,7 @@ def ensure_assets(client, arch: str, base: str = "debian:bookworm-slim",
         log(f"vm assets {arch}: ready in {folder} after {time.monotonic() - t0:.0f} s "
             f"({_mb(assets.root)} root disk, {_mb(assets.kernel)} kernel, "
             f"{_mb(assets.initrd)} initrd)")
-        _prune(root, arch, keep=folder, log=log)
+        _prune(client, root, arch, keep=folder, log=log)
         return assets
 
 
@@ -145,20 +147,31 @@ def _load(folder: Path, arch: str, key: str, target_tag: str) -> VMAssets | None
         return None
     if meta.get("key") != key or meta.get("format") != FORMAT:
         return None
-    files = {n: folder / n for n in ("vmlinuz", "initrd.img", "root.img")}
+    files = {n: folder / n for n in ("kernel", "initrd.img", "root.img")}
     if not all(p.is_file() for p in files.values()):
         return None
-    return VMAssets(arch, key, folder, files["vmlinuz"], files["initrd.img"], files["root.img"],
+    return VMAssets(arch, key, folder, files["kernel"], files["initrd.img"], files["root.img"],
                     meta["kernel_version"], meta.get("target_image", target_tag), built=False)
 
 
-def _prune(root: Path, arch: str, keep: Path, log: Callable[[str], None]) -> None:
-    """Keep the newest KEEP_PER_ARCH asset folders of one arch; remove older ones."""
+def _prune(client, root: Path, arch: str, keep: Path, log: Callable[[str], None]) -> None:
+    """Keep the newest KEEP_PER_ARCH asset folders of one arch; remove older ones and their
+    VM images (the target image and the layers the kept images share stay)."""
+    from docker.errors import APIError, ImageNotFound
     folders = [p for p in root.glob(f"{arch}-*") if p.is_dir() and p != keep]
     folders.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     for old in folders[KEEP_PER_ARCH - 1:]:
+        try:
+            tag = json.loads((old / "assets.json").read_text()).get("vm_image")
+        except (OSError, ValueError):
+            tag = None
         shutil.rmtree(old, ignore_errors=True)
-        log(f"vm assets {arch}: removed old {old.name}")
+        if tag:
+            try:
+                client.images.remove(tag)
+            except (ImageNotFound, APIError):
+                pass            # gone already, or used by a container: `crashlab clean` later
+        log(f"vm assets {arch}: removed old {old.name}" + (f" and {tag}" if tag else ""))
 
 
 class _flock:
@@ -262,16 +275,19 @@ def _export(client, arch: str, vm_tag: str, folder: Path, key: str, target_tag: 
                                                      "org.crashlab.role": "vm-export"})
         tree = tmp / "rootfs"
         tree.mkdir()
-        kernel = initrd = None
+        kernel = initrd = kernel_file = None
         files = 0
         as_root = os.geteuid() == 0
         with tarfile.open(fileobj=io.BufferedReader(_ChunkReader(iter(container.export()))),
                           mode="r|") as tar:
             for m in tar:
                 name = m.name.lstrip("./")
-                if name.startswith("boot/vmlinuz-") and m.isfile():
-                    kernel = name[len("boot/vmlinuz-"):]
-                    _extract_to(tar, m, tmp / "vmlinuz")
+                if name.startswith(("boot/vmlinuz-", "boot/vmlinux-")) and m.isfile():
+                    # Both come in the order of the tar; the ELF (vmlinux) wins when present.
+                    if kernel is None or name.startswith("boot/vmlinux-"):
+                        kernel = name[len("boot/vmlinuz-"):]
+                        kernel_file = name
+                        _extract_to(tar, m, tmp / "kernel")
                     continue
                 if name.startswith("boot/initrd.img-") and m.isfile():
                     initrd = name
@@ -286,7 +302,7 @@ def _export(client, arch: str, vm_tag: str, folder: Path, key: str, target_tag: 
                 tar.extract(m, tree, set_attrs=True, numeric_owner=True)
                 files += 1
         if kernel is None or initrd is None:
-            raise ImageError(f"vm assets {arch}: {vm_tag} has no /boot/vmlinuz-* and "
+            raise ImageError(f"vm assets {arch}: {vm_tag} has no /boot/vmlinu[xz]-* and "
                              f"/boot/initrd.img-*: is docker/vm/Dockerfile intact?")
         log(f"vm assets {arch}: exported {files} entries in {time.monotonic() - t0:.1f} s")
         size = _tree_bytes(tree)
@@ -304,6 +320,7 @@ def _export(client, arch: str, vm_tag: str, folder: Path, key: str, target_tag: 
         log(f"vm assets {arch}: root disk {mb} MB ({size / 1e6:.0f} MB of files) made with "
             f"mke2fs -d in {time.monotonic() - t1:.1f} s")
         meta = {"format": FORMAT, "key": key, "arch": arch, "kernel_version": kernel,
+                "kernel_file": kernel_file,
                 "target_image": target_tag, "vm_image": vm_tag, "made": time.strftime("%F %T"),
                 "root_mb": mb, "files": files}
         (tmp / "assets.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -72,6 +72,11 @@ def umount(target: str) -> None:
         raise OSError(err, f"umount {target}: {os.strerror(err)}")
 
 
+def uptime() -> float:
+    with open("/proc/uptime") as fh:
+        return float(fh.read().split()[0])
+
+
 def cmdline() -> dict[str, str]:
     out = {}
     with open("/proc/cmdline") as fh:
@@ -121,10 +126,9 @@ class Agent:
 
     def _info(self) -> dict:
         import sqlite3
-        uptime = float(open("/proc/uptime").read().split()[0])
         return {"kernel": platform.release(), "machine": platform.machine(),
                 "python": platform.python_version(), "sqlite_version": sqlite3.sqlite_version,
-                "uptime_s": uptime}
+                "uptime_s": uptime()}
 
     # -- the control port ------------------------------------------------------------------
     def send(self, obj: dict) -> None:
@@ -181,7 +185,7 @@ class Agent:
             # A guest restored from one snapshot would otherwise replay one random stream.
             with open("/dev/urandom", "wb") as fh:
                 fh.write(bytes.fromhex(entropy))
-        return {"info": {**self.info, "uptime_s": float(open("/proc/uptime").read().split()[0])}}
+        return {"info": {**self.info, "uptime_s": uptime()}}
 
     def cmd_mount(self, msg: dict) -> dict:
         if self.mounted:
@@ -226,7 +230,8 @@ class Agent:
 
     def cmd_verify(self, msg: dict) -> dict:
         res = subprocess.run([sys.executable, WORKLOAD, *msg["args"]], capture_output=True,
-                             stdin=subprocess.DEVNULL, cwd=DATA, timeout=msg.get("timeout", 600))
+                             stdin=subprocess.DEVNULL, cwd=DATA, timeout=msg.get("timeout", 600),
+                             check=False)
         return {"rc": res.returncode, "stdout": res.stdout.decode("utf-8", "replace"),
                 "stderr": res.stderr[-2000:].decode("utf-8", "replace")}
 

@@ -3,7 +3,9 @@
 
     prepare_kernel.py linux-image-VERSION_ARCH.deb
 
-Installs /boot/vmlinuz-VERSION, only the modules the guest loads (and what they depend on) under
+Installs /boot/vmlinuz-VERSION (and, for x86, /boot/vmlinux-VERSION: the ELF inside the
+compressed bzImage, which QEMU boots directly through its PVH entry, skipping the decompression
+that costs ~3 s under TCG), only the modules the guest loads (and what they depend on) under
 /lib/modules/VERSION, and writes /boot/initrd.img-VERSION: an uncompressed newc cpio holding a
 static busybox, those modules in load order and initramfs_init.sh as /init. No udev, no
 initramfs-tools: the guest's devices are fixed, and a small initramfs unpacks fast under TCG.
@@ -12,7 +14,8 @@ Standard library only.
 
 from __future__ import annotations
 
-import os
+import lzma
+import re
 import shutil
 import stat
 import subprocess
@@ -80,6 +83,26 @@ def resolve(root: Path, wanted: tuple[str, ...]) -> list[Path]:
     return order
 
 
+# An ELF note named "Xen" of type 18 (XEN_ELFNOTE_PHYS32_ENTRY): the kernel has a PVH entry.
+PVH_NOTE = re.compile(rb"\x04\x00\x00\x00.\x00\x00\x00\x12\x00\x00\x00Xen\x00", re.DOTALL)
+
+
+def pvh_elf(bzimage: bytes) -> bytes | None:
+    """The vmlinux ELF inside an xz-compressed x86 bzImage, if it has a PVH entry."""
+    if bzimage[0x202:0x206] != b"HdrS":
+        return None
+    i = bzimage.find(b"\xfd7zXZ\x00")
+    if i < 0:
+        return None
+    try:
+        elf = lzma.LZMADecompressor().decompress(bzimage[i:])
+    except lzma.LZMAError:
+        return None
+    if elf[:4] != b"\x7fELF" or not PVH_NOTE.search(elf):
+        return None
+    return elf
+
+
 class Cpio:
     """A newc archive, written entry by entry."""
 
@@ -124,6 +147,9 @@ def main(argv: list[str]) -> int:
         boot = Path("/boot")
         boot.mkdir(exist_ok=True)
         shutil.copy2(vmlinuz, boot / vmlinuz.name)
+        elf = pvh_elf(vmlinuz.read_bytes())
+        if elf is not None:
+            (boot / f"vmlinux-{version}").write_bytes(elf)
         for cfg in (x / "boot").glob("config-*"):
             shutil.copy2(cfg, boot / cfg.name)
         dest = Path("/lib/modules") / version
@@ -155,7 +181,8 @@ def main(argv: list[str]) -> int:
                 names.append("/" + name)
             c.file("modules.load", ("\n".join(names) + "\n").encode())
             c.close()
-    print(f"prepare_kernel: {version}: {len(mods)} modules "
+    pvh = " (PVH vmlinux extracted)" if elf else ""
+    print(f"prepare_kernel: {version}{pvh}: {len(mods)} modules "
           f"({', '.join(m.name[:-3] for m in mods)}); initrd {initrd.stat().st_size // 1024} KiB")
     return 0
 

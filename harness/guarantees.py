@@ -75,10 +75,11 @@ _WAL_NORMAL = Guarantee(
     "A transaction committed in WAL mode with synchronous=NORMAL might roll back following a "
     "power loss or system crash.")
 _WAL_FULL = Guarantee(
-    True, True, True, WAL,
+    True, True, True, PRAGMA,
     "With synchronous=FULL in WAL mode, an additional sync operation of the WAL file happens "
-    "after each transaction commit, which guarantees that transactions are durable across a "
-    "power loss.")
+    "after each transaction commit. The extra WAL sync following each transaction helps ensure "
+    "that transactions are durable across a power loss. (wal.html: writers sync the WAL on "
+    "every transaction commit if PRAGMA synchronous is set to FULL.)")
 _ROLLBACK_NORMAL = Guarantee(
     False, True, False, PRAGMA,
     "When synchronous is NORMAL ... There is a very small (though non-zero) chance that a power "
@@ -90,11 +91,13 @@ _DELETE_FULL = Guarantee(
     "journal is synced after that journal is unlinked to commit a transaction in DELETE mode. "
     "EXTRA provides additional durability if the commit is followed closely by a power loss.")
 _ROLLBACK_FULL = Guarantee(
-    True, True, True, PRAGMA,
+    True, True, True, ATOMIC,
     "When synchronous is FULL, the SQLite database engine will use the xSync method of the VFS "
-    "to ensure that all content is safely written to the disk surface prior to continuing. "
-    "(TRUNCATE and PERSIST commit by truncating or zeroing the journal header, which is synced "
-    "at FULL: atomiccommit.html §3.11, §7.6.)")
+    "to ensure that all content is safely written to the disk surface prior to continuing "
+    "(pragma.html). TRUNCATE and PERSIST commit by truncating the journal or zeroing its header "
+    "(atomiccommit.html, pragma.html#pragma_journal_mode); at FULL SQLite syncs that change "
+    "before COMMIT returns (pager.c: 'Otherwise the journal might resurrect following a power "
+    "loss'), which the docs do not state in so many words.")
 _DELETE_EXTRA = Guarantee(
     True, True, True, PRAGMA,
     "EXTRA synchronous is like FULL with the addition that the directory containing a rollback "

@@ -274,38 +274,49 @@ def _make_base(arch: str, log: Callable[[str], None]) -> None:
 
 # --- build ----------------------------------------------------------------------------------
 
+def legacy_build(client, what: str, *, stall_s: float = None, total_s: float = None,
+                 **build_kwargs) -> None:
+    """Run one legacy-builder build through the SDK with bounded waits.
+
+    Raises ImageError naming `what`, with the last lines of the build log, when the build fails,
+    stays silent for `stall_s` or runs past `total_s`.
+    """
+    stall_s = BUILD_STALL_S if stall_s is None else stall_s
+    total_s = BUILD_TOTAL_S if total_s is None else total_s
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+    deadline = time.monotonic() + total_s
+    error = None
+    try:
+        # The SDK's build never asks for BuildKit: this is the legacy builder, which honours
+        # platform= for the image's metadata and uses a local base without pulling.
+        stream = client.api.build(rm=True, forcerm=True, pull=False, decode=True,
+                                  timeout=stall_s, **build_kwargs)
+        for ev in stream:
+            for line in str(ev.get("stream", "")).splitlines():
+                line = _ANSI.sub("", line).rstrip()
+                if line.strip() and not _CHATTER.match(line):
+                    tail.append(line)
+            if "error" in ev:
+                error = str(ev["error"]).strip()
+                break
+            if time.monotonic() > deadline:
+                error = f"the build took longer than {total_s:.0f} s"
+                break
+    except Exception as exc:  # noqa: BLE001 - API errors, and read timeouts from urllib3
+        error = (f"no output from the build for {stall_s:.0f} s"
+                 if "timed out" in str(exc).lower() else _short(exc))
+    if error:
+        raise ImageError(f"{what} failed: {error}; last lines: {' | '.join(list(tail)[-6:])}")
+
+
 def _build(client, arch: str, tag: str, base_used: str, labels: dict[str, str]) -> None:
     """Build with the legacy builder from a context of the Dockerfile and workload.py."""
-    tail: collections.deque[str] = collections.deque(maxlen=20)
     with tempfile.TemporaryDirectory(prefix="crashlab-ctx-") as ctx:
         Path(ctx, "Dockerfile").write_bytes(_read(DOCKERFILE))
         Path(ctx, "workload.py").write_bytes(_read(WORKLOAD))
-        deadline = time.monotonic() + BUILD_TOTAL_S
-        error = None
-        try:
-            # The SDK's build never asks for BuildKit: this is the legacy builder, which honours
-            # platform= for the image's metadata and uses a local base without pulling.
-            stream = client.api.build(path=ctx, tag=tag, platform=f"linux/{arch}",
-                                      buildargs={"BASE": base_used}, labels=labels, rm=True,
-                                      forcerm=True, pull=False, decode=True,
-                                      timeout=BUILD_STALL_S)
-            for ev in stream:
-                for line in str(ev.get("stream", "")).splitlines():
-                    line = _ANSI.sub("", line).rstrip()
-                    if line.strip() and not _CHATTER.match(line):
-                        tail.append(line)
-                if "error" in ev:
-                    error = str(ev["error"]).strip()
-                    break
-                if time.monotonic() > deadline:
-                    error = f"the build took longer than {BUILD_TOTAL_S:.0f} s"
-                    break
-        except Exception as exc:  # noqa: BLE001 - API errors, and read timeouts from urllib3
-            error = (f"no output from the build for {BUILD_STALL_S:.0f} s"
-                     if "timed out" in str(exc).lower() else _short(exc))
-    if error:
-        raise ImageError(f"image {arch}: build of {tag} from {base_used} failed: {error}; "
-                         f"last lines: {' | '.join(list(tail)[-6:])}")
+        legacy_build(client, f"image {arch}: build of {tag} from {base_used}", path=ctx,
+                     tag=tag, platform=f"linux/{arch}", buildargs={"BASE": base_used},
+                     labels=labels)
     got = _arch_of(client, tag)
     if got != arch:
         raise ImageError(f"image {arch}: built {tag} but the engine records its arch as {got}")

@@ -15,13 +15,11 @@ milliseconds. Each step is reported through the ``log`` callback.
 
 from __future__ import annotations
 
-import collections
 import fcntl
 import hashlib
 import io
 import json
 import os
-import re
 import shutil
 import subprocess
 import tarfile
@@ -41,8 +39,6 @@ BUILD_STALL_S = 900.0                 # one silent step (apt under qemu-user) ma
 BUILD_TOTAL_S = 2400.0
 MKE2FS_TIMEOUT_S = 300.0
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_CHATTER = re.compile(r"^ ---> |^Removing intermediate container |^Step \d+/\d+ : ")
 
 
 @dataclass(frozen=True)
@@ -207,33 +203,13 @@ def _image_arch(client, tag: str) -> str | None:
 
 
 def _build(client, arch: str, tag: str, target_tag: str, key: str) -> None:
-    tail: collections.deque[str] = collections.deque(maxlen=20)
-    deadline = time.monotonic() + BUILD_TOTAL_S
-    error = None
-    try:
-        stream = client.api.build(
-            path=str(VM_DIR), tag=tag, platform=f"linux/{arch}",
-            buildargs={"TARGET_IMAGE": target_tag, "KERNEL_META": f"linux-image-{arch}"},
-            labels={"org.crashlab.image": "vm", "org.crashlab.content-hash": key,
-                    "org.crashlab.target": target_tag},
-            rm=True, forcerm=True, pull=False, decode=True, timeout=BUILD_STALL_S)
-        for ev in stream:
-            for line in str(ev.get("stream", "")).splitlines():
-                line = _ANSI.sub("", line).rstrip()
-                if line.strip() and not _CHATTER.match(line):
-                    tail.append(line)
-            if "error" in ev:
-                error = str(ev["error"]).strip()
-                break
-            if time.monotonic() > deadline:
-                error = f"the build took longer than {BUILD_TOTAL_S:.0f} s"
-                break
-    except Exception as exc:  # noqa: BLE001 - API errors and read timeouts alike
-        error = (f"no output from the build for {BUILD_STALL_S:.0f} s"
-                 if "timed out" in str(exc).lower() else str(exc).splitlines()[0][:200])
-    if error:
-        raise ImageError(f"vm assets {arch}: build of {tag} failed: {error}; last lines: "
-                         f"{' | '.join(list(tail)[-6:])}")
+    from .images import legacy_build
+    legacy_build(
+        client, f"vm assets {arch}: build of {tag}", stall_s=BUILD_STALL_S,
+        total_s=BUILD_TOTAL_S, path=str(VM_DIR), tag=tag, platform=f"linux/{arch}",
+        buildargs={"TARGET_IMAGE": target_tag, "KERNEL_META": f"linux-image-{arch}"},
+        labels={"org.crashlab.image": "vm", "org.crashlab.content-hash": key,
+                "org.crashlab.target": target_tag})
     if _image_arch(client, tag) != arch:
         raise ImageError(f"vm assets {arch}: built {tag} but the engine records another arch")
 

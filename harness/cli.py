@@ -284,18 +284,20 @@ def doctor(as_json):
 @main.command()
 @click.option("--run", "run_id", help="Only this run's resources.")
 def clean(run_id):
-    """Remove containers, volumes and networks crashlab left behind."""
+    """Remove containers, volumes, images and VMs crashlab left behind."""
     from . import engine
-    client = engine.connect()
-    removed = engine.sweep(client, run_id)
-    click.echo(", ".join(f"{n} {k}" for k, n in removed.items()) + " removed")
+    from .errors import EnvironmentProblem
+    from .targets.vm import sweep_vms
+    n = sweep_vms()  # QEMU guests whose harness is gone, and their scratch folders
+    click.echo(f"{n} stale VM(s) stopped")
     try:
-        from .targets.vm import sweep_vms
-        n = sweep_vms()
-        if n:
-            click.echo(f"{n} stale VM(s) stopped")
-    except ImportError:
-        pass
+        client = engine.connect(timeout=20)
+    except EnvironmentProblem as exc:
+        click.echo(f"containers: skipped, {exc}", err=True)
+        return
+    removed = engine.sweep(client, run_id)
+    client.close()
+    click.echo(", ".join(f"{n} {k}" for k, n in removed.items()) + " removed")
 
 
 @main.command()

@@ -159,21 +159,34 @@ def run_trial(target, scenario: Scenario, cell: Cell, n: int, store: RunStore,
         target.settle()
         events.extend(reader.drain(timeout=15))
         noise = reader.noise
-        target.snapshot(tdir)
+        if not target.snapshot_after_verify:
+            target.snapshot(tdir)
         census = target.verify(spec)
         views = target.extra_views(spec)
     except TargetError as exc:
         error = str(exc)
     except CrashlabError:
+        target.finish_trial()
         raise
-    except Exception as exc:  # an engine or QEMU hiccup: this trial is an error, the run goes on
+    except BaseException as exc:
+        if not isinstance(exc, Exception):  # KeyboardInterrupt: clean up, then stop the run
+            target.finish_trial()
+            raise
+        # an engine or QEMU hiccup: this trial is an error, the run goes on
         error = f"{type(exc).__name__}: {str(exc)[:500]}"
+    judgement = oracle.judge(events, census, promise, harness_error=error)
+    kept = keep == "all" or (keep == "failures" and (judgement.violation or error))
+    try:
+        if kept and target.snapshot_after_verify:
+            # verify() checked a copy: the files are still as the fault left them
+            target.snapshot(tdir)
+    except Exception as exc:  # noqa: BLE001 - the verdict stands; say what is missing
+        noise.append(f"snapshot failed: {type(exc).__name__}: {exc}")
     finally:
         try:
             target.finish_trial()
         except CrashlabError as exc:
             error = error or f"cleanup failed: {exc}"
-    judgement = oracle.judge(events, census, promise, harness_error=error)
     view_verdicts = {}
     for name, view in (views or {}).items():
         vj = oracle.judge(events, view, promise)
@@ -220,7 +233,6 @@ def run_trial(target, scenario: Scenario, cell: Cell, n: int, store: RunStore,
         "error": error,
         "duration_s": round(time.monotonic() - t0, 3),
     }
-    kept = keep == "all" or (keep == "failures" and (judgement.violation or error))
     if kept:
         tdir.mkdir(parents=True, exist_ok=True)
         with open(tdir / "events.jsonl", "w") as fh:

@@ -105,6 +105,9 @@ class Target(abc.ABC):
     """One platform running one cell's trials."""
 
     kind = "?"
+    # True when verify() checks a copy and leaves the files as the fault left them: the runner
+    # then snapshots after the verdict, and only the trials it keeps.
+    snapshot_after_verify = False
 
     def __init__(self, cell: Cell, run: RunContext):
         self.cell = cell

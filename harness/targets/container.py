@@ -64,6 +64,7 @@ def _lines(chunks: Iterator[bytes]) -> Iterator[str]:
 
 class ContainerTarget(Target):
     kind = "container"
+    snapshot_after_verify = True
 
     def __init__(self, cell, run):
         super().__init__(cell, run)
@@ -295,7 +296,14 @@ class ContainerTarget(Target):
     def verify(self, spec: WriterSpec) -> dict:
         argv = ["python3", WORKLOAD, *spec.verify_args(self.db)]
         if self.keeper is not None or self.checker is not None:
-            code, out = self._reader().exec_run(argv, stdout=True, stderr=True, demux=True)
+            # A copy on the same storage, opened fresh: recovery rewrites the copy, and the
+            # files stay as the fault left them for a snapshot of a kept trial.
+            copy = f"{self.trial_dir}.verify"
+            vargv = ["python3", WORKLOAD, *spec.verify_args(f"{copy}/{DB_NAME}")]
+            script = (f"mkdir -p {copy} && {{ cp -a {self.trial_dir}/. {copy}/ 2>/dev/null "
+                      f"|| true; }} && exec " + " ".join(vargv))
+            code, out = self._reader().exec_run(["sh", "-c", script], stdout=True, stderr=True,
+                                                demux=True)
             stdout, stderr = out
             return self._census(code, stdout or b"", stderr or b"")
         # layer storage after a container-ending fault: restart from the dead one's layer
@@ -367,6 +375,6 @@ class ContainerTarget(Target):
         self._remove(writer)
         if reader is not None and trial_dir:
             try:
-                reader.exec_run(["rm", "-rf", trial_dir])
+                reader.exec_run(["rm", "-rf", trial_dir, f"{trial_dir}.verify"])
             except Exception:
                 pass

@@ -105,6 +105,8 @@ def test_stop_container_waits_for_the_grace_period(client, write_scenario, tmp_p
     assert rec["verdict"] == "intact"
     kept = Path(rec["artifacts"])
     assert (kept / "trial.db").exists() and (kept / "events.jsonl").exists()
+    # kept as the fault left them: the WAL the verifier's recovery would have checkpointed away
+    assert (kept / "trial.db-wal").stat().st_size > 0
 
 
 def test_sigint_mid_trial_leaves_nothing(client, write_scenario, tmp_path):

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from .arch import native_arch, other_arch
+
 
 @dataclass
 class Check:
@@ -27,15 +29,6 @@ def _version(cmd: list[str]) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.strip().splitlines()[0] if out.strip() else None
-
-
-def native_arch() -> str:
-    m = platform.machine().lower()
-    return {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(m, m)
-
-
-def other_arch() -> str:
-    return "arm64" if native_arch() == "amd64" else "amd64"
 
 
 def binfmt_handler(arch: str) -> str | None:

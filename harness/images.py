@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
-import platform
 import queue
 import re
 import signal
@@ -30,10 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .arch import ARCH_SPECS, ARCHES, native_arch, resolve_arch  # noqa: F401 (API)
 from .errors import EnvironmentProblem, ImageError
 
-ARCHES = ("amd64", "arm64")
-ARCH_SPECS = ("native", "emulated") + ARCHES
 DEFAULT_BASE = "debian:bookworm-slim"
 TARGET_REPO = "crashlab/target"
 OFFLINE_BASE = "crashlab/base:bookworm-{arch}"
@@ -72,30 +70,6 @@ class ImageInfo:
     base: str     # the base image actually used
     path: str     # how the base was obtained: local | pulled | offline-debootstrap
     built: bool   # False when an existing image was reused
-
-
-def native_arch() -> str:
-    """This machine's architecture in Docker's naming (amd64 or arm64)."""
-    machine = platform.machine().lower()
-    if machine in ("x86_64", "amd64"):
-        return "amd64"
-    if machine in ("aarch64", "arm64"):
-        return "arm64"
-    raise EnvironmentProblem(f"unsupported host architecture {platform.machine()!r}: "
-                             f"crashlab runs on x86_64 and arm64")
-
-
-def resolve_arch(spec: str) -> str:
-    """Map native | emulated | amd64 | arm64 to a Docker arch; emulated is the other of the two."""
-    s = spec.strip().lower()
-    s = {"x86_64": "amd64", "aarch64": "arm64"}.get(s, s)
-    if s in ARCHES:
-        return s
-    if s == "native":
-        return native_arch()
-    if s == "emulated":
-        return "arm64" if native_arch() == "amd64" else "amd64"
-    raise ValueError(f"arch: expected one of {', '.join(ARCH_SPECS)}; got {spec!r}")
 
 
 def content_hash(arch: str, base: str) -> str:

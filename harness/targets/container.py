@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Iterator
 
 from .. import engine
-from ..doctor import binfmt_handler, native_arch
+from ..arch import native_arch, resolve_arch
+from ..doctor import binfmt_handler
 from ..errors import EnvironmentProblem, TargetError
 from .base import DB_NAME, DB_SUFFIXES, Target, TrialContext, WriterSpec, copy_db_files
 
@@ -38,15 +39,6 @@ DATA = "/data"
 LAYER = "/var/lib/crashlab"
 KEEPER_CMD = ["python3", WORKLOAD, "idle"]
 ENDING = ("kill-container", "stop-container", "pause-kill")
-
-
-def resolve_arch(spec: str) -> str:
-    native = native_arch()
-    if spec == "native":
-        return native
-    if spec == "emulated":
-        return "arm64" if native == "amd64" else "amd64"
-    return spec
 
 
 def _lines(chunks: Iterator[bytes]) -> Iterator[str]:

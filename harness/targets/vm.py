@@ -30,7 +30,6 @@ import base64
 import hashlib
 import json
 import os
-import platform
 import queue
 import re
 import shlex
@@ -48,6 +47,8 @@ from typing import Iterator
 
 from tenacity import (Retrying, retry_if_exception_type, stop_after_delay, wait_fixed)
 
+from ..arch import native_arch as host_arch
+from ..arch import resolve_arch
 from ..errors import EnvironmentProblem, TargetError
 from .base import DB_NAME, DB_SUFFIXES, Target, TrialContext, WriterSpec
 
@@ -64,23 +65,6 @@ KEEP_SAVED = 4                   # saved guests kept per asset folder (per memor
 
 
 # --------------------------------------------------------------------------- machine
-
-def host_arch() -> str:
-    m = platform.machine().lower()
-    return {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(m, m)
-
-
-def resolve_arch(spec: str) -> str:
-    """native | emulated | amd64 | arm64 -> amd64 | arm64 (emulated: the other one)."""
-    s = {"x86_64": "amd64", "aarch64": "arm64"}.get(spec.lower(), spec.lower())
-    if s in BINARIES:
-        return s
-    if s == "native":
-        return host_arch()
-    if s == "emulated":
-        return "arm64" if host_arch() == "amd64" else "amd64"
-    raise ValueError(f"platform.arch: expected native, emulated, amd64 or arm64; got {spec!r}")
-
 
 _version_cache: dict[str, str] = {}
 _accel_cache: dict[str, tuple[str, str]] = {}

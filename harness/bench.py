@@ -42,16 +42,14 @@ def harness_trials(platform: str, fault: str, trials: int, extra: str = "",
                    warmup: int = 1) -> list[float]:
     """Seconds per trial through the real runner and target."""
     from . import runner
-    from .targets import RunContext, target_class
+    from .targets import target_class
     sc = _scenario(platform, fault, extra)
     cell = sc.cells[0]
     with tempfile.TemporaryDirectory(prefix="crashlab-bench-") as tmp:
-        store = RunStore(Path(tmp), "bench")
-        ctx = RunContext(run_id=f"bench-{os.getpid()}", run_dir=store.dir,
-                         work_dir=store.work_dir, labels={})
+        store = RunStore(Path(tmp), f"bench-{os.getpid()}")
         times = []
         try:
-            with target_class(platform)(cell, ctx) as target:
+            with runner.session(store) as ctx, target_class(platform)(cell, ctx) as target:
                 for n in range(warmup + trials):
                     t0 = time.perf_counter()
                     rec = runner.run_trial(target, sc, cell, n, store, keep="none")
@@ -61,8 +59,6 @@ def harness_trials(platform: str, fault: str, trials: int, extra: str = "",
                         times.append(time.perf_counter() - t0)
         finally:
             store.close()
-            if ctx._docker is not None:
-                ctx._docker.close()
     return times
 
 

@@ -45,7 +45,6 @@ fault: {{kind: vm-kill, after_ms: {WRITE_MS}}}
 def _trials(arch: str, trials: int, boot: str, warmup: int, log) -> tuple[list[dict], dict, float]:
     """(per-trial timings, fingerprint, seconds to open the target) for one boot mode."""
     from . import runner
-    from .targets import RunContext
     from .targets.vm import VMTarget
 
     sc = _scenario(arch)
@@ -55,12 +54,10 @@ def _trials(arch: str, trials: int, boot: str, warmup: int, log) -> tuple[list[d
     out: list[dict] = []
     try:
         with tempfile.TemporaryDirectory(prefix="crashlab-bench-") as tmp:
-            store = RunStore(Path(tmp), f"bench-vm-{boot}")
-            ctx = RunContext(run_id=f"bench-vm-{os.getpid()}", run_dir=store.dir,
-                             work_dir=store.work_dir, log=log)
+            store = RunStore(Path(tmp), f"bench-vm-{boot}-{os.getpid()}")
             try:
                 t0 = time.perf_counter()
-                with VMTarget(cell, ctx) as target:
+                with runner.session(store, log) as ctx, VMTarget(cell, ctx) as target:
                     opened = time.perf_counter() - t0
                     fp = target.fingerprint()
                     for n in range(warmup + trials):
@@ -75,8 +72,6 @@ def _trials(arch: str, trials: int, boot: str, warmup: int, log) -> tuple[list[d
                                         **{k: v for k, v in target.last_timings.items()}})
             finally:
                 store.close()
-                if ctx._docker is not None:
-                    ctx._docker.close()
     finally:
         if old is None:
             os.environ.pop("CRASHLAB_VM_BOOT", None)

@@ -178,8 +178,6 @@ def run(files, out, trials, seed, keep, only, jsonl, quiet):
     summary.update({"run_id": store.run_id, "elapsed_s": round(elapsed, 1),
                     "interrupted": interrupted, "planned_trials": total,
                     "trials_per_minute": round(len(records) / elapsed * 60, 1) if elapsed else 0})
-    for row in summary["cells"]:
-        row["machines"] = list(row["machines"])
     store.write_json("summary.json", summary)
     store.write_text("summary.md", markdown(summary, f"crashlab run {store.run_id}", {
         k: v for k, v in env.items() if k in ("host_arch", "sqlite_version", "engine_version")}))
@@ -334,7 +332,7 @@ def replay(run_dir, trial_id, out, keep):
     from . import runner
     from .results import RunStore, new_run_id, read_trials
     from .scenario import load
-    from .targets import RunContext, target_class
+    from .targets import target_class
 
     run_dir = Path(run_dir)
     if not (run_dir / "trials.jsonl").exists():
@@ -356,19 +354,12 @@ def replay(run_dir, trial_id, out, keep):
     store = RunStore(Path(out), new_run_id(f"replay-{sc.name}"))
     store.write_text("scenario-0.yaml", (run_dir / entry["copy"]).read_text())
     store.write_json("scenarios.json", [dict(entry, copy="scenario-0.yaml")])
-    ctx = RunContext(run_id=store.run_id, run_dir=store.dir, work_dir=store.work_dir,
-                     log=lambda s: err_console.print(s, markup=False))
     try:
-        with target_class(cell.platform)(cell, ctx) as target:
+        with runner.session(store, lambda s: err_console.print(s, markup=False)) as ctx, \
+                target_class(cell.platform)(cell, ctx) as target:
             new = runner.run_trial(target, sc, cell, n, store, keep)
     finally:
         store.close()
-        if ctx._docker is not None:
-            from . import engine
-            engine.sweep(ctx._docker, store.run_id)
-            ctx._docker.close()
-        import shutil
-        shutil.rmtree(store.work_dir, ignore_errors=True)
     click.echo(f"{trial_id} {cell.label}: was {rec['verdict']} (acked {rec['acked']}, "
                f"lost {rec['lost_acked']}); now {new['verdict']} (acked {new['acked']}, "
                f"lost {new['lost_acked']}); fault {new['trigger']}")

@@ -14,6 +14,7 @@ import shutil
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -249,10 +250,33 @@ def run_trial(target, scenario: Scenario, cell: Cell, n: int, store: RunStore,
     return record
 
 
+@contextmanager
+def session(store: RunStore, log: Callable[[str], None] = lambda s: None
+            ) -> Iterator[RunContext]:
+    """The RunContext of one run; on the way out (even on Ctrl-C) removes what the run's label
+    names in the engine and the run's scratch space."""
+    ctx = RunContext(run_id=store.run_id, run_dir=store.dir, work_dir=store.work_dir, log=log)
+    try:
+        yield ctx
+    finally:
+        with _shielded():
+            if ctx._docker is not None:
+                from . import engine
+                try:
+                    engine.sweep(ctx._docker, store.run_id)
+                finally:
+                    ctx._docker.close()
+            shutil.rmtree(store.work_dir, ignore_errors=True)
+
+
 def run(scenarios: list[Scenario], store: RunStore, opts: Options) -> list[dict]:
     """Run every cell of every scenario; returns the trial records in order."""
-    ctx = RunContext(run_id=store.run_id, run_dir=store.dir, work_dir=store.work_dir,
-                     log=opts.log, labels={"org.crashlab.run": store.run_id})
+    with session(store, opts.log) as ctx:
+        return _run(scenarios, store, opts, ctx)
+
+
+def _run(scenarios: list[Scenario], store: RunStore, opts: Options,
+         ctx: RunContext) -> list[dict]:
     records: list[dict] = []
     fingerprints: dict = {}
     if any(c.platform == "container" for sc in scenarios for c in sc.cells):
@@ -279,13 +303,6 @@ def run(scenarios: list[Scenario], store: RunStore, opts: Options) -> list[dict]
     finally:
         with _shielded():
             store.write_json("targets.json", fingerprints)
-            if ctx._docker is not None:
-                from . import engine
-                try:
-                    engine.sweep(ctx._docker, store.run_id)
-                finally:
-                    ctx._docker.close()
-            shutil.rmtree(store.work_dir, ignore_errors=True)
     return records
 
 

@@ -9,11 +9,13 @@ the fault → ``settle`` until the writer is gone → ``snapshot`` the files as 
 from __future__ import annotations
 
 import abc
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..errors import TargetError
 from ..scenario import Cell
 
 WORKLOAD_PY = Path(__file__).resolve().parent.parent / "workload.py"
@@ -76,7 +78,6 @@ class RunContext:
     run_dir: Path
     work_dir: Path                      # scratch space, removed when the run ends
     log: Callable[[str], None] = lambda s: None
-    labels: dict[str, str] = field(default_factory=dict)
     _docker: object | None = None
     _said: set = field(default_factory=set)
 
@@ -171,6 +172,15 @@ class Target(abc.ABC):
 
     def finish_trial(self) -> None:
         """Remove the trial's resources; always called."""
+
+
+def census_from(stdout: str, *, target: str, stderr: str = "") -> dict:
+    """The census a verifier printed (its last stdout line), or a TargetError saying why not."""
+    try:
+        return json.loads(stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise TargetError("verifier printed no census", target=target,
+                          stderr_tail=stderr or stdout) from None
 
 
 def copy_db_files(src_dir: Path, dest: Path, name: str = DB_NAME) -> list[str]:

@@ -32,7 +32,8 @@ from .. import engine
 from ..arch import native_arch, resolve_arch
 from ..doctor import binfmt_handler
 from ..errors import EnvironmentProblem, TargetError
-from .base import DB_NAME, DB_SUFFIXES, Target, TrialContext, WriterSpec, copy_db_files
+from .base import (DB_NAME, DB_SUFFIXES, Target, TrialContext, WriterSpec, census_from,
+                   copy_db_files)
 
 WORKLOAD = "/opt/crashlab/workload.py"
 DATA = "/data"
@@ -46,9 +47,8 @@ def _lines(chunks: Iterator[bytes]) -> Iterator[str]:
     for chunk in chunks:
         if isinstance(chunk, tuple):  # demuxed exec output: (stdout, stderr)
             chunk = chunk[0] or b""
-        buf += chunk
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
+        *lines, buf = (buf + chunk).split(b"\n")
+        for line in lines:
             yield line.decode("utf-8", "replace")
     if buf:
         yield buf.decode("utf-8", "replace")
@@ -322,25 +322,20 @@ class ContainerTarget(Target):
         if code not in (0, None):
             raise TargetError("verifier failed in the container", status=code,
                               stderr_tail=stderr.decode(errors="replace"))
-        try:
-            return json.loads(stdout.decode().strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            raise TargetError("verifier printed no census",
-                              stderr_tail=(stderr or stdout).decode(errors="replace")) from None
+        return census_from(stdout.decode(errors="replace"), target="container",
+                           stderr=stderr.decode(errors="replace"))
 
     def extra_views(self, spec: WriterSpec) -> dict:
         """For a bind mount: the host opens the files too (a copy, as the fault left them)."""
         if self.storage != "bind":
             return {}
-        import argparse
         import tempfile
 
         from .. import workload
         with tempfile.TemporaryDirectory(dir=self.run.work_dir) as tmp:
             copy_db_files(self.bind_dir / self._trial_id, Path(tmp))
-            census = workload.census(argparse.Namespace(
-                db=str(Path(tmp) / DB_NAME), workload=spec.workload,
-                rows_per_txn=spec.rows_per_txn, accounts=spec.accounts))
+            args = workload.parser().parse_args(spec.verify_args(str(Path(tmp) / DB_NAME)))
+            census = workload.census(args)
         return {"host": census}
 
     def stderr_tail(self) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -13,7 +12,8 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import TargetError
-from .base import DB_NAME, WORKLOAD_PY, Target, TrialContext, WriterSpec, copy_db_files
+from .base import (DB_NAME, WORKLOAD_PY, Target, TrialContext, WriterSpec, census_from,
+                   copy_db_files)
 
 
 class HostTarget(Target):
@@ -77,11 +77,7 @@ class HostTarget(Target):
         if res.returncode != 0:
             raise TargetError("verifier failed", target="host", status=res.returncode,
                               stderr_tail=res.stderr)
-        try:
-            return json.loads(res.stdout.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            raise TargetError("verifier printed no census", target="host",
-                              stderr_tail=res.stderr or res.stdout) from None
+        return census_from(res.stdout, target="host", stderr=res.stderr)
 
     def stderr_tail(self) -> str:
         if self._stderr is None:

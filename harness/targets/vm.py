@@ -50,7 +50,7 @@ from tenacity import (Retrying, retry_if_exception_type, stop_after_delay, wait_
 from ..arch import native_arch as host_arch
 from ..arch import resolve_arch
 from ..errors import EnvironmentProblem, TargetError
-from .base import DB_NAME, DB_SUFFIXES, Target, TrialContext, WriterSpec
+from .base import DB_NAME, DB_SUFFIXES, Target, TrialContext, WriterSpec, census_from
 
 SNAPSHOT_FORMAT = "crashlab-vm-snapshot/1"
 DATA_MB = 256                    # the data disk (sparse): the trial database is a few MB
@@ -569,19 +569,18 @@ class Guest:
             self._log = None
 
     # -- diagnostics ------------------------------------------------------------------------
-    def console_tail(self, n: int = 12) -> str:
+    def _tail(self, name: str, n: int) -> str:
         try:
-            text = (self.folder / "console.log").read_text(errors="replace")
+            text = (self.folder / name).read_text(errors="replace")
         except OSError:
             return ""
         return "\n".join(text.strip().splitlines()[-n:])
 
+    def console_tail(self, n: int = 12) -> str:
+        return self._tail("console.log", n)
+
     def qemu_log_tail(self, n: int = 5) -> str:
-        try:
-            text = (self.folder / "qemu.log").read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.strip().splitlines()[-n:])
+        return self._tail("qemu.log", n)
 
     def describe(self) -> str:
         state = "not started"
@@ -969,11 +968,8 @@ class VMTarget(Target):
         if reply.get("rc") != 0:
             raise TargetError("verifier failed in the guest", target=self.checker.name,
                               status=reply.get("rc"), stderr_tail=reply.get("stderr", ""))
-        try:
-            return json.loads(reply["stdout"].strip().splitlines()[-1])
-        except (ValueError, IndexError, KeyError):
-            raise TargetError("the guest's verifier printed no census", target=self.checker.name,
-                              stderr_tail=reply.get("stderr") or reply.get("stdout", "")) from None
+        return census_from(reply.get("stdout", ""), target=self.checker.name,
+                           stderr=reply.get("stderr", ""))
 
     def check_disk(self, disk: Path, spec: WriterSpec, boot: str) -> dict:
         """Check a crashed data disk in a new guest, saved-state or cold boot (for tests)."""
@@ -988,7 +984,8 @@ class VMTarget(Target):
             g.ctl.request("mount", timeout=60 * self.machine.slow)
             reply = g.ctl.request("verify", timeout=300 * self.machine.slow,
                                   args=spec.verify_args(GUEST_DB))
-            return json.loads(reply["stdout"].strip().splitlines()[-1])
+            return census_from(reply.get("stdout", ""), target=g.name,
+                               stderr=reply.get("stderr", ""))
         finally:
             g.close()
             shutil.rmtree(g.folder, ignore_errors=True)
